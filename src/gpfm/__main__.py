@@ -1,0 +1,5 @@
+import sys
+
+from gpfm.cli import main
+
+sys.exit(main())
