@@ -20,15 +20,3 @@ def shared_data() -> Path:
     if not (d / "cmu_small_region.svs").is_file():
         pytest.skip(f"reference data not found at {d} (set GPFM_TEST_DATA)")
     return d
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _few_threads():
-    # 2 cores on CI: keep each test's torch/BLAS from oversubscribing.
-    try:
-        import torch
-
-        torch.set_num_threads(2)
-    except ImportError:
-        pass
-    yield
