@@ -3,8 +3,9 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.gpfm-installed
-# Debian packages the tests need (installed only when missing).
-APT_PKGS := chromium wordnet-base wordnet-sense-index
+# Debian packages the tests need (installed only when missing): Chromium opens the leaderboard page;
+# a Java runtime runs pycocoevalcap's METEOR 1.5 jar.
+APT_PKGS := chromium $(if $(shell command -v java),,default-jre-headless)
 
 .PHONY: venv sysdeps demo test bench lint clean
 
