@@ -69,7 +69,8 @@ def _add_extract(sub) -> None:
     p.add_argument("--slides", help="folder holding the slides (searched recursively by slide id)")
     p.add_argument("--images", help="image set: a class-per-folder tree ([split/]class/image) or a CSV "
                                     "path,label[,split]")
-    p.add_argument("--encoder", required=True, help="encoder name(s), comma-separated (see `gpfm encoders`)")
+    p.add_argument("--encoder", required=True,
+                   help="encoder name(s), comma-separated (see `gpfm encoders`); LABEL=NAME writes to OUT/LABEL")
     p.add_argument("--weights", help="weights file/folder (one encoder) or name=PATH,name=PATH; default: the "
                                      "Hugging Face cache/hub (tiny encoders: random)")
     p.add_argument("--out", required=True, help="features folder")
@@ -200,6 +201,15 @@ VERBS.append(_add_arena)
 # ---- end verb: arena ------------------------------------------------------------------------------------------
 
 # ---- verb: demo -----------------------------------------------------------------------------------------------
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole pipeline end to end on the built-in synthetic cohort")
+    p.add_argument("--out", default="demo_out", help="demo folder (reused: finished stages are skipped)")
+    p.add_argument("--seed", type=int, default=0)
+    _common(p)
+    p.set_defaults(func=lambda a: __import__("gpfm.demo.driver", fromlist=["x"]).demo_command(a))
+
+
+VERBS.append(_add_demo)
 # ---- end verb: demo -------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
