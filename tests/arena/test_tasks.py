@@ -80,8 +80,11 @@ def test_suite_vars_overrides_and_select(tmp_path):
 
 def test_demo_suite_loads(tmp_path):
     """The shipped demo suite is valid against a cohort laid out as the demo writes it."""
-    (tmp_path / "labels").mkdir()
-    for f in ("wsi_classification.csv", "survival.csv"):
-        (tmp_path / "labels" / f).write_text("slide_id,case_id\n")
+    for d in ("labels", "roi"):
+        (tmp_path / d).mkdir()
+    for f in ("labels/wsi_classification.csv", "labels/survival.csv", "labels/reports.csv", "labels/wsi_vqa.csv",
+              "roi/roi.csv", "roi/vqa.csv", "roi/captions.csv"):
+        (tmp_path / f).write_text("slide_id,case_id\n")
     s = load_suite(REPO / "configs" / "arena" / "demo" / "suite.yaml", {"cohort": str(tmp_path)})
-    assert {t.category for t in s.tasks} == {"wsi_classification", "survival"}
+    assert {t.category for t in s.tasks} == {"wsi_classification", "survival", "roi_classification", "retrieval",
+                                             "vqa", "report_generation"}
