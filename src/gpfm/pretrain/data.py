@@ -8,7 +8,7 @@ processes and workers: the data position saved in a checkpoint is just the step.
 Two plug-in kinds, registered by name with `register_source(name, factory)` (factory(DataConfig) -> source):
 - `TileSource`: random access (`__len__`, `group_sizes`, `read(i)`, `describe(i)`); this module chooses the tiles
   (`SampleOrder`) and skips unreadable ones by a deterministic re-draw, never a fallback image.
-- `TileStream`: sequential (e.g. tar shards): `worker_tiles(plan)` yields (sample index, tile, skipped) for
+- `TileStream`: sequential (tar shards: `data.source: shards`, gpfm.shards.stream): `worker_tiles(plan)` yields (sample index, tile, skipped) for
   exactly the samples of `plan.samples()`, in order.
 """
 
@@ -42,7 +42,10 @@ class DataConfig:
     slides: list[str] = field(default_factory=list)  # folders holding the slides, matched by slide_id
     mpp: float | None = None  # level-0 µm/px for slides that lack it
     images: list[str] = field(default_factory=list)  # image folders (one group per sub-folder) or CSVs (path col)
-    shards: list[str] = field(default_factory=list)  # for a shard source
+    shards: list[str] = field(default_factory=list)  # shard stores (folders or URL prefixes; `gpfm shards pack`)
+    shuffle_buffer: int = 1000  # shards: tiles mixed across a worker's shards
+    weights: dict[str, float] = field(default_factory=dict)  # shards: sampling weight per tissue (or source)
+    weight_by: str = "tissue"  # shards: tissue | source
     exclude: str | None = None  # text/CSV file of slide ids to leave out (leakage control)
     sampling: str = "slide"  # slide: a random tile of a random slide | shuffle: every tile once per epoch
     batch_size: int = 64  # global batch, split evenly over processes
@@ -306,8 +309,15 @@ class ImageSource:
         return str(self.files[index])
 
 
+def _shard_source(cfg: DataConfig) -> TileStream:
+    from gpfm.shards.stream import ShardTileStream
+
+    return ShardTileStream(cfg)
+
+
 register_source("coords", CoordsSource)
 register_source("images", ImageSource)
+register_source("shards", _shard_source)
 
 
 # ------------------------------------------------------------------------------------------ batches
