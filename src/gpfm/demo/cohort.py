@@ -14,7 +14,7 @@
 
 Hidden variables are per patient (a patient's two slides share them): label (visible only in tumour regions,
 so a multiple-instance problem), grade (visible in the stroma everywhere, see render.py), survival time and
-event (exponential hazard rising with grade, a fixed share censored at random before the event).
+event (exponential hazard rising with grade; administrative censoring of a fixed share at the end of follow-up).
 The folder is built under `<out_dir>.partial` and renamed into place, so a cohort folder that exists is complete;
 calling again with the same parameters returns at once.
 """
@@ -37,7 +37,7 @@ from gpfm.demo import text
 from gpfm.demo.render import GRADES, LABELS, MASK_DS, render_slide
 from gpfm.io import GpfmError, atomic_path, progress, read_json, write_csv, write_json
 
-GENERATOR_VERSION = 1  # bump when the rendering changes, so cached cohorts are rebuilt
+GENERATOR_VERSION = 2  # bump when the rendering changes, so cached cohorts are rebuilt
 MPP = 0.5
 DOWNSAMPLES = (1, 4, 16)
 ROI_CLASSES = ("normal", "ductal", "lobular")
@@ -146,9 +146,15 @@ def _plan(p: CohortParams) -> tuple[list[dict], list[dict]]:
         grades[idx] = rng.permutation(np.resize(np.roll(GRADES, -c), len(idx)))
     hazard = p.base_hazard * np.exp(p.log_hazard_ratio * (grades - 1))
     t_event = rng.exponential(1 / hazard)
-    censored = np.zeros(n, bool)
-    censored[rng.permutation(n)[:round(p.censored_fraction * n)]] = True
-    time = np.where(censored, t_event * rng.uniform(0.1, 0.9, n), t_event)
+    rng.permutation(n)  # (kept so every later draw, and so the rest of the cohort, stays as it was)
+    # Administrative censoring, as in a real study: patient i's follow-up ends at spread_i * h, with h chosen so
+    # that exactly the configured share of patients is still event-free then (the longest times are censored).
+    spread = rng.uniform(0.5, 1.5, n)
+    ratio = np.sort(t_event / spread)[::-1]
+    k = round(p.censored_fraction * n)
+    h = np.inf if k == 0 else (ratio[k - 1] + ratio[k]) / 2 if k < n else 0.0
+    censored = t_event > spread * h
+    time = np.minimum(t_event, spread * h)
     two = set(rng.permutation(n)[:round(p.two_slide_fraction * n)].tolist())
     split = _roi_split(rng, labels, grades, p.roi_split)
     patients, jobs = [], []
