@@ -99,6 +99,7 @@ def test_report_ranks_the_planted_order_and_writes_every_file(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = paths["leaderboard.md"].read_text()
     assert "## Survival (2 tasks)" in md and "| strong |" in md.replace("**", "")
+    assert re.search(r"\d\.\d{3} \(\d(\.5)?\) \[\d\.\d{3}, \d\.\d{3}\]", md)  # value (rank) [CI low, high]
     html = paths["leaderboard.html"].read_text()
     assert html.count("data:image/png;base64,") == 4 and "http" not in html.replace("http-equiv", "")
 

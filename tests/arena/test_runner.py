@@ -141,3 +141,19 @@ def test_bad_task_skipped_others_run(slide_cohort, tmp_path, capsys):
     assert run["jobs"]["cls/enc_a"] == "complete" and run["jobs"]["cls/enc_b"] == "incomplete"
     assert all("P005-S0.h5: features contain NaN or inf" in s for s in run["skipped"]) and len(run["skipped"]) == 4
     assert pd.read_csv(out / "cls" / "summary.csv")["encoder"].tolist() == ["enc_a"]
+
+
+def test_fold_interval_stays_inside_the_metric_range(tmp_path):
+    """A t-interval over a few noisy folds is clipped to [0, 1] (CIDEr is unbounded above)."""
+    from gpfm.arena.runner import aggregate, fold_dir
+    from gpfm.arena.tasks import TaskSpec
+    from gpfm.io import write_json
+
+    task = TaskSpec(name="t", category="wsi_classification", labels=None, primary_metric="auc")
+    for i, v in enumerate([0.98, 1.0, 0.3]):
+        write_json(fold_dir(tmp_path, "t", "enc", i) / "metrics.json",
+                   {"higher_is_better": True, "seconds": 1.0,
+                    "metrics": {"auc": {"value": v}, "cider": {"value": v * 3}}})
+    m = aggregate(tmp_path, task, "enc", 3)["metrics"]
+    assert m["auc"]["ci_low"] == 0.0 and m["auc"]["ci_high"] == 1.0
+    assert m["cider"]["ci_high"] > 3.0 and m["cider"]["ci_low"] == 0.0

@@ -189,7 +189,7 @@ def _category_section(a: Analysis, cat: str) -> Section:
 def _md_cell(c: Cell) -> str:
     t = c.text.replace("|", "\\|")
     if c.title and c.title.startswith("95% CI"):
-        t += " " + c.title.split(",")[0].replace("95% CI ", "")
+        t += " " + c.title.rsplit(",", 1)[0].replace("95% CI ", "")
     return f"**{t}**" if c.bold else t
 
 

@@ -229,15 +229,24 @@ def aggregate(out: Path, task: TaskSpec, encoder: str, k: int) -> dict[str, Any]
         mean = float(ok.mean()) if len(ok) else math.nan
         std = float(ok.std(ddof=1)) if len(ok) > 1 else math.nan
         half = _t975(len(ok) - 1) * std / math.sqrt(len(ok)) if len(ok) > 1 else math.nan
-        metrics[name] = {"value": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half,
+        lo, hi = _metric_range(name, ok)
+        metrics[name] = {"value": mean, "std": std, "ci_low": max(mean - half, lo), "ci_high": min(mean + half, hi),
                          "folds": vals.tolist()}
     result = {"task": task.name, "category": task.category, "encoder": encoder,
               "primary_metric": task.primary_metric, "higher_is_better": folds[0]["higher_is_better"],
               "n_folds": k, "metrics": metrics, "ci": "bootstrap 95% (one fold)" if k == 1 else
-              "t 95% of the mean over folds", "seconds": round(sum(f["seconds"] for f in folds), 3),
+              "t 95% of the mean over folds, clipped to the metric's range", "seconds": round(sum(f["seconds"] for f in folds), 3),
               "meta": task.meta}
     write_shared(out / task.name / encoder / "result.json", _json(result))
     return result
+
+
+def _metric_range(name: str, vals: np.ndarray) -> tuple[float, float]:
+    """Where a metric can lie: all of ours are >= 0, and all but CIDEr <= 1 (a t-interval over few noisy folds
+    can otherwise reach past the bounds)."""
+    lo = 0.0 if len(vals) and vals.min() >= 0 else -math.inf
+    hi = 1.0 if len(vals) and vals.max() <= 1 and name != "cider" else math.inf
+    return lo, hi
 
 
 def _t975(df: int) -> float:
