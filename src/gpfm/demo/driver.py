@@ -22,7 +22,7 @@ from gpfm.io import GpfmError, ensure_writable_dir, log
 
 ROOT = Path(__file__).resolve().parents[3]
 SUITE = ROOT / "configs" / "arena" / "demo" / "suite.yaml"
-PRETRAIN = ROOT / "configs" / "pretrain" / "tiny.yaml"
+PRETRAIN = ROOT / "configs" / "pretrain" / "demo.yaml"
 TILE_MPP, TILE_PX = 0.5, 224
 STUDENT, RANDOM = "ukd-student", "random-vit"
 EXPERTS = ("expert-label", "expert-grade")
