@@ -125,7 +125,7 @@ def _add_shards(sub) -> None:
     k.add_argument("--codec", choices=["jpeg", "png", "webp"], default="jpeg", help="png/webp are lossless")
     k.add_argument("--quality", type=int, default=90, help="JPEG quality")
     k.add_argument("--tiles-per-shard", type=int, default=2000)
-    k.add_argument("--exclude", help="CSV with a slide_id column: slides that must never be packed")
+    k.add_argument("--exclude", help="slide ids that must never be packed (CSV with a slide_id column, or one id per line)")
     k.add_argument("--meta", help="CSV slide_id,source,tissue recorded with each tile")
     k.add_argument("--workers", type=int, default=1, help="processes packing shards in parallel")
     k.add_argument("--overwrite", action="store_true", help="delete the store's shards and start again")

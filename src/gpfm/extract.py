@@ -151,13 +151,16 @@ def autocast_for(device: str, precision: str | None):
     return torch.autocast(device_type=device.split(":")[0], dtype=PRECISIONS[precision])
 
 
-def load_encoders(names: Sequence[str], weights: str | None, device: str) -> dict[str, Any]:
-    """{label: encoder} for `--encoder` items NAME or LABEL=NAME (see parse_encoders)."""
+def load_encoders(names: Sequence[str], weights: str | None, device: str,
+                  only: set[str] | None = None) -> dict[str, Any]:
+    """{label: encoder} for `--encoder` items NAME or LABEL=NAME (see parse_encoders); with `only`, just the
+    labels that still have outputs to write (a finished run loads no model)."""
     from gpfm.encoders import create_encoder
 
     labels = parse_encoders(names)
     paths = parse_weights(weights, list(labels))
-    return {lb: create_encoder(n, weights=paths[lb], device=device) for lb, n in labels.items()}
+    return {lb: create_encoder(n, weights=paths[lb], device=device) for lb, n in labels.items()
+            if only is None or lb in only}
 
 
 def _loader(dataset, workers: int, device: str, collate=None):
@@ -222,9 +225,9 @@ def extract_slides(coords_dir: str | Path, slides_dir: str | Path, encoders: Seq
     out = ensure_writable_dir(out)
     device = resolve_device(device)
     amp = autocast_for(device, precision)
-    models = load_encoders(encoders, weights, device)
     report = BatchReport("extract")
-    jobs = plan_slides(Path(coords_dir), Path(slides_dir), list(models), out, overwrite, report)
+    jobs = plan_slides(Path(coords_dir), Path(slides_dir), list(parse_encoders(encoders)), out, overwrite, report)
+    models = load_encoders(encoders, weights, device, only={n for job in jobs for n in job.todo})
     for job in jobs:  # slides without tissue: (0, dim) features, nothing to read
         if job.n == 0:
             _write_slide(job, {n: [] for n in job.todo}, models, out)
@@ -359,12 +362,13 @@ def extract_images(source: str | Path, encoders: Sequence[str], out: str | Path,
     splits = sorted({it[3] for it in items})
     device = resolve_device(device)
     amp = autocast_for(device, precision)
-    models = load_encoders(encoders, weights, device)
-    todo = [n for n in models if overwrite or not all((out / n / f"{s}.h5").is_file() for s in splits)]
-    for n in set(models) - set(todo):
+    labels = list(parse_encoders(encoders))
+    todo = [n for n in labels if overwrite or not all((out / n / f"{s}.h5").is_file() for s in splits)]
+    for n in set(labels) - set(todo):
         report.add(n, "exists", encoders=n, path=str(source))
     if not todo:
         return report
+    models = load_encoders(encoders, weights, device, only=set(todo))
     geo = {n: (t.input_size, t.resize_size, t.crop, t.interpolation) for n, t in
            ((n, models[n].transform) for n in todo)}
     transforms = {g: models[n].transform for n, g in geo.items()}

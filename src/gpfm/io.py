@@ -171,6 +171,26 @@ def _py_attr(v: Any) -> Any:
     return v
 
 
+# ------------------------------------------------------------------------------------------ id lists
+def read_slide_ids(path: str | os.PathLike | None, what: str = "exclusion list") -> set[str]:
+    """Slide ids from a text file (one per line, # comments) or a CSV with a `slide_id` column (else its first
+    column): the exclusion lists that keep downstream test slides out of pretraining data."""
+    if not path:
+        return set()
+    p = Path(path)
+    if not p.is_file():
+        raise GpfmError(f"{p}: {what} file not found")
+    if p.suffix.lower() == ".csv":
+        with open(p, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows:
+            return set()
+        col = rows[0].index("slide_id") if "slide_id" in rows[0] else 0
+        body = rows[1:] if "slide_id" in rows[0] else rows
+        return {r[col].strip() for r in body if r and r[col].strip()}
+    return {line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")}
+
+
 # ------------------------------------------------------------------------------------------ folders and logs
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
     """Create `path` if needed and prove it is writable, before any work starts."""

@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from gpfm.io import GpfmError
+from gpfm.io import GpfmError, read_slide_ids
 from gpfm.pretrain.augment import CropsConfig, multi_crop
 from gpfm.pretrain.masking import MaskingConfig, step_masks
 
@@ -176,24 +176,6 @@ class RandomAccessStream:
 
 
 # ------------------------------------------------------------------------------------------ built-in sources
-def read_exclusions(path: str | None) -> set[str]:
-    """Slide ids from a text file (one per line) or a CSV with a `slide_id` column (else its first column)."""
-    if not path:
-        return set()
-    p = Path(path)
-    if not p.is_file():
-        raise GpfmError(f"{p}: data.exclude file not found")
-    if p.suffix.lower() == ".csv":
-        with open(p, newline="") as f:
-            rows = list(csv.reader(f))
-        if not rows:
-            return set()
-        col = rows[0].index("slide_id") if "slide_id" in rows[0] else 0
-        body = rows[1:] if "slide_id" in rows[0] else rows
-        return {r[col].strip() for r in body if r and r[col].strip()}
-    return {line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")}
-
-
 def _expand(paths: list[str], exts: set[str], what: str) -> list[Path]:
     out: list[Path] = []
     for raw in paths:
@@ -214,7 +196,7 @@ class CoordsSource:
     def __init__(self, cfg: DataConfig, max_open: int = 16):
         from gpfm.slides.tiling import read_coords
 
-        excluded = read_exclusions(cfg.exclude)
+        excluded = read_slide_ids(cfg.exclude, "data.exclude")
         slides = {p.stem: p for p in _expand(cfg.slides, SLIDE_EXTS, "slide folder")}
         self.entries: list[tuple[Path, Any]] = []
         n_excluded, missing = 0, []
@@ -274,7 +256,7 @@ class ImageSource:
     `path` column (relative to the CSV)."""
 
     def __init__(self, cfg: DataConfig):
-        excluded = read_exclusions(cfg.exclude)
+        excluded = read_slide_ids(cfg.exclude, "data.exclude")
         files: list[Path] = []
         for raw in cfg.images:
             p = Path(raw)

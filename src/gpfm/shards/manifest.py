@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpfm.io import GpfmError, read_json, write_json
+from gpfm.io import GpfmError, read_json, read_slide_ids, write_json
 
 SHARD_PATTERN = "shard-{:06d}"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
@@ -71,7 +71,7 @@ class Plan:
 
 
 def read_table(path: str | os.PathLike, columns: list[str], what: str) -> list[dict]:
-    """Read a small CSV with required columns (exclusion list, metadata table)."""
+    """Read a small CSV with required columns (the metadata table)."""
     import pandas as pd
 
     path = Path(path)
@@ -91,7 +91,7 @@ def build_plan(coords_dir: str | None, slides_dir: str | None, images_dir: str |
     planned (coords without a slide), which the caller reports as skipped."""
     from gpfm.slides.tiling import read_coords
 
-    excluded = {r["slide_id"] for r in read_table(exclude, ["slide_id"], "exclusion list")} if exclude else set()
+    excluded = read_slide_ids(exclude)
     info = {r["slide_id"]: r for r in read_table(meta, ["slide_id"], "metadata table")} if meta else {}
     entries: list[Entry] = []
     problems: list[dict] = []
